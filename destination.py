@@ -8,10 +8,21 @@ and dead-letters, so that policy lives in one place for every destination.
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 from notifications import Notification
+
+# Sizes are measured exactly as the dispatcher must send a body: compact
+# separators, UTF-8 rather than \u escapes.
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), check_circular=False
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +37,20 @@ class Mapped:
     key: str
     event: dict[str, Any]
     size: int
+
+    @classmethod
+    def of(cls, key: str, event: dict[str, Any]) -> Mapped:
+        """Wrap `event`, measuring its size."""
+        text = _ENCODER.encode(event)
+        if text.isascii():
+            return cls(key, event, len(text))
+        try:
+            return cls(key, event, len(text.encode()))
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON "\ud800") has no UTF-8 form, so no body
+            # holding it could be sent; "?" in its place keeps the event.
+            data = text.encode(errors="replace")
+            return cls(key, json.loads(data), len(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +102,42 @@ class Destination(Protocol):
     def build_request(self, events: list[Mapped]) -> Request: ...
 
     def read_response(
-        self, status: int, body: bytes, headers: dict[str, str], count: int
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+        count: int,
+        *,
+        events: list[Mapped] | None = None,
     ) -> SendResult:
-        """Classify an HTTP answer to a request of `count` events."""
+        """Classify an HTTP answer to a request of `count` events.
+
+        `events` is the batch itself: Amplitude's throttling answers name
+        users rather than indexes.
+        """
         ...
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
+    """The wait a `Retry-After` header asks for, or None if it names none.
+
+    HTTP allows a number of seconds or a date; a date is read against `now`
+    (Unix seconds) and one in the past means no wait.
+    """
+    raw = next(
+        (value for name, value in headers.items() if name.lower() == "retry-after"),
+        "",
+    ).strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)  # HTTP dates are always GMT
+        return max(0.0, when.timestamp() - now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None

@@ -46,7 +46,9 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         listing = "\n".join(f"  - {problem}" for problem in problems)
-        super().__init__(f"invalid configuration ({len(problems)} problems):\n{listing}")
+        super().__init__(
+            f"invalid configuration ({len(problems)} problems):\n{listing}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +160,12 @@ class _Reader:
     def text(self, name: str, default: str = "") -> str:
         return self.environ.get(name, default).strip()
 
-    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    def choice(
+        self, name: str, default: str, allowed: tuple[str, ...], *, upper: bool = False
+    ) -> str:
         value = self.text(name, default) or default
+        if upper:
+            value = value.upper()
         if value not in allowed:
             self.problems.append(
                 f"{name}={value!r} is not allowed; use one of: {', '.join(allowed)}"
@@ -232,7 +238,9 @@ def load_settings(
 
     sdk_key = read.text("OPTIMIZELY_SDK_KEY")
     if not sdk_key:
-        problems.append("OPTIMIZELY_SDK_KEY is required: the SDK key of the Agent's project")
+        problems.append(
+            "OPTIMIZELY_SDK_KEY is required: the SDK key of the Agent's project"
+        )
     elif "-" in sdk_key:
         problems.append(
             "OPTIMIZELY_SDK_KEY contains a hyphen; the Agent rejects such keys "
@@ -245,12 +253,15 @@ def load_settings(
         wanted = [part.strip() for part in raw_filter.split(",") if part.strip()]
         unknown = [part for part in wanted if part not in NOTIFICATION_TYPES]
         if unknown or not wanted:
+            named = ", ".join(map(repr, unknown))
             problems.append(
-                f"NOTIFICATION_FILTER has {', '.join(map(repr, unknown)) or 'no values'}; "
+                f"NOTIFICATION_FILTER has {named or 'no value'}; "
                 f"use a comma-separated list of: {', '.join(NOTIFICATION_TYPES)} "
                 "(the Agent streams nothing when no value is valid)"
             )
-        notification_filter = tuple(dict.fromkeys(p for p in wanted if p in NOTIFICATION_TYPES))
+        notification_filter = tuple(
+            dict.fromkeys(p for p in wanted if p in NOTIFICATION_TYPES)
+        )
 
     ga_measurement_id = read.text("GA_MEASUREMENT_ID")
     ga_api_secret = read.text("GA_API_SECRET")
@@ -271,7 +282,9 @@ def load_settings(
 
     ga_currency = read.text("GA_CURRENCY", "USD") or "USD"
     if len(ga_currency) != 3 or not ga_currency.isalpha():
-        problems.append(f"GA_CURRENCY={ga_currency!r} must be a three-letter ISO 4217 code")
+        problems.append(
+            f"GA_CURRENCY={ga_currency!r} must be a three-letter ISO 4217 code"
+        )
 
     exposure_event_type = (
         read.text("AMPLITUDE_EXPOSURE_EVENT_TYPE", DEFAULT_EXPOSURE_EVENT_TYPE)
@@ -295,13 +308,17 @@ def load_settings(
         ga_client_id_attribute=read.text("GA_CLIENT_ID_ATTRIBUTE", "ga_client_id"),
         ga_send_user_id=read.flag("GA_SEND_USER_ID", True),
         ga_currency=ga_currency.upper(),
-        ga_concurrency=read.number("GA_CONCURRENCY", 64, minimum=1, maximum=512, integer=True),
+        ga_concurrency=read.number(
+            "GA_CONCURRENCY", 64, minimum=1, maximum=512, integer=True
+        ),
         ga_grouping_window_seconds=read.number(
             "GA_GROUPING_WINDOW_MS", 50, minimum=0, maximum=10_000, integer=True
         )
         / 1000,
         amplitude_api_key=amplitude_api_key,
-        amplitude_tracking_url=read.url("AMPLITUDE_TRACKING_URL", DEFAULT_AMPLITUDE_TRACKING_URL),
+        amplitude_tracking_url=read.url(
+            "AMPLITUDE_TRACKING_URL", DEFAULT_AMPLITUDE_TRACKING_URL
+        ),
         amplitude_exposure_event_type=exposure_event_type,
         amplitude_batch_size=read.number(
             "AMPLITUDE_BATCH_SIZE",
@@ -317,11 +334,15 @@ def load_settings(
             "AMPLITUDE_CONCURRENCY", 4, minimum=1, maximum=64, integer=True
         ),
         exposure_mode=read.choice("EXPOSURE_MODE", "dispatched", EXPOSURE_MODES),
-        buffer_capacity=read.number("BUFFER_CAPACITY", 100_000, minimum=1, integer=True),
+        buffer_capacity=read.number(
+            "BUFFER_CAPACITY", 100_000, minimum=1, integer=True
+        ),
         buffer_overflow_policy=read.choice(
             "BUFFER_OVERFLOW_POLICY", "drop_oldest", OVERFLOW_POLICIES
         ),
-        worker_threads=read.number("WORKER_THREADS", 2, minimum=1, maximum=64, integer=True),
+        worker_threads=read.number(
+            "WORKER_THREADS", 2, minimum=1, maximum=64, integer=True
+        ),
         destination_queue_capacity=read.number(
             "DESTINATION_QUEUE_CAPACITY", 100_000, minimum=1, integer=True
         ),
@@ -331,19 +352,29 @@ def load_settings(
         http_connect_timeout_seconds=read.number(
             "HTTP_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.1
         ),
-        http_read_timeout_seconds=read.number("HTTP_READ_TIMEOUT_SECONDS", 30.0, minimum=0.1),
+        http_read_timeout_seconds=read.number(
+            "HTTP_READ_TIMEOUT_SECONDS", 30.0, minimum=0.1
+        ),
         dead_letter_path=read.text("DEAD_LETTER_PATH", "dead-letter.jsonl")
         or "dead-letter.jsonl",
         spool_path=read.text("SPOOL_PATH"),
-        spool_max_bytes=read.number("SPOOL_MAX_BYTES", 1 << 30, minimum=1 << 20, integer=True),
+        spool_max_bytes=read.number(
+            "SPOOL_MAX_BYTES", 1 << 30, minimum=1 << 20, integer=True
+        ),
         dry_run=dry_run,
-        log_level=read.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
+        log_level=read.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
         log_format=read.choice("LOG_FORMAT", "text", LOG_FORMATS),
-        shutdown_timeout_seconds=read.number("SHUTDOWN_TIMEOUT_SECONDS", 20.0, minimum=0.0),
+        shutdown_timeout_seconds=read.number(
+            "SHUTDOWN_TIMEOUT_SECONDS", 20.0, minimum=0.0
+        ),
         health_host=read.text("HEALTH_HOST", "127.0.0.1") or "127.0.0.1",
-        health_port=read.number("HEALTH_PORT", 8090, minimum=0, maximum=65535, integer=True),
+        health_port=read.number(
+            "HEALTH_PORT", 8090, minimum=0, maximum=65535, integer=True
+        ),
         wedged_after_seconds=read.number("WEDGED_AFTER_SECONDS", 300.0, minimum=1.0),
-        summary_interval_seconds=read.number("SUMMARY_INTERVAL_SECONDS", 60.0, minimum=0.0),
+        summary_interval_seconds=read.number(
+            "SUMMARY_INTERVAL_SECONDS", 60.0, minimum=0.0
+        ),
     )
     if settings.retry_max_seconds < settings.retry_initial_seconds:
         problems.append("RETRY_MAX_SECONDS must not be below RETRY_INITIAL_SECONDS")
