@@ -28,6 +28,7 @@ from metrics import Metrics
 from notification_listener import NotificationListener, StreamState
 from notification_processor import NotificationProcessor
 from settings import VERSION, Settings
+from spool import SpoolBuffer
 from workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -131,9 +132,20 @@ class Daemon:
         self.started_at = time.monotonic()
         self.draining = threading.Event()
 
-        self.buffer: EventBuffer = MemoryBuffer(
-            settings.buffer_capacity, settings.buffer_overflow_policy, metrics
-        )
+        self.spooled = bool(settings.spool_path)
+        self.buffer: EventBuffer
+        if self.spooled:
+            self.buffer = SpoolBuffer(
+                settings.spool_path,
+                settings.spool_max_bytes,
+                settings.buffer_overflow_policy,
+                metrics,
+                memory_capacity=settings.buffer_capacity,
+            )
+        else:
+            self.buffer = MemoryBuffer(
+                settings.buffer_capacity, settings.buffer_overflow_policy, metrics
+            )
         metrics.buffer_capacity.set(settings.buffer_capacity)
         metrics.watch(metrics.buffer_depth, self.buffer.depth)
 
@@ -156,6 +168,7 @@ class Daemon:
             self.dead_letters,
             self.tracker,
             poster,
+            keep_on_shutdown=self.spooled,
         )
         self.processor = NotificationProcessor(settings.exposure_mode, metrics)
         self.workers = WorkerPool(
@@ -245,7 +258,11 @@ class Daemon:
                     "%s: %d events undelivered at the deadline", dispatcher.name, left
                 )
         unprocessed = self.buffer.depth()
-        if unprocessed:
+        if isinstance(self.buffer, SpoolBuffer):
+            self.buffer.shutdown()
+            if unprocessed:
+                logger.info("%d notifications stay in the spool", unprocessed)
+        elif unprocessed:
             self.metrics.buffer_dropped.labels("shutdown").inc(unprocessed)
             logger.error(
                 "%d notifications were never processed before the deadline", unprocessed

@@ -235,11 +235,10 @@ class NotificationListener:
 
     def _read(self, response: requests.Response) -> None:
         client = sseclient.SSEClient(self._chunks(response), char_enc="latin-1")
-        pending = self._pending
         for event in client.events():
             # latin-1 maps bytes 1:1, so this restores the frame's exact bytes;
             # invalid UTF-8 is then the processor's to count, not a crash here.
-            pending.append((event.data.encode("latin-1"), self._receipt_ns()))
+            self._pending.append((event.data.encode("latin-1"), self._receipt_ns()))
             self.received += 1
 
     def _chunks(self, response: requests.Response) -> Iterator[bytes]:
