@@ -27,8 +27,8 @@ from requests.adapters import HTTPAdapter
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
-    stop_never,
+    retry_if_exception,
+    stop_when_event_set,
     wait_random_exponential,
 )
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -105,6 +105,7 @@ class NotificationListener:
         self._socket_lock = threading.Lock()
         self._connections = 0
         self._write_timeout_cuts = 0
+        self._last_failure = ""
         self.state = StreamState.STARTING
         self.state_detail = ""
         self.received = 0
@@ -139,11 +140,11 @@ class NotificationListener:
     def _run(self) -> None:
         while not self._stopping.is_set():
             retrying = Retrying(
-                retry=retry_if_exception_type(StreamError),
+                retry=retry_if_exception(_should_reconnect),
                 wait=wait_random_exponential(
                     multiplier=0.5, max=self._settings.reconnect_max_seconds
                 ),
-                stop=stop_never,
+                stop=stop_when_event_set(self._stopping),
                 sleep=self._stopping.wait,
                 before_sleep=self._before_reconnect,
                 reraise=True,
@@ -180,6 +181,7 @@ class NotificationListener:
             self._metrics.stream_connected.set(1)
             self._set_state(StreamState.STREAMING)
             self._write_timeout_cuts = 0
+            self._last_failure = ""
             self._read(response)
             ended_by = "the Agent closed the stream"
         except requests.RequestException as error:
@@ -280,11 +282,15 @@ class NotificationListener:
 
     def _before_reconnect(self, retry_state: RetryCallState) -> None:
         error = retry_state.outcome.exception() if retry_state.outcome else None
-        if not isinstance(error, StreamError) or error.kind == "stopping":
+        if not isinstance(error, StreamError) or self._stopping.is_set():
             return
         wait = retry_state.upcoming_sleep
-        changed = self._set_state(StreamState.FAILING, f"{error.kind}: {error}")
-        if not changed and error.kind != "ended":
+        failure = f"{error.kind}: {error}"
+        self._set_state(StreamState.FAILING, failure)
+        # Every attempt passes through CONNECTING, so the state alone cannot
+        # tell a repeat; the last failure is remembered until a stream opens.
+        repeated, self._last_failure = failure == self._last_failure, failure
+        if repeated and error.kind != "ended":
             return  # the same failure again: said once already
         if error.hint:
             logger.error("%s; %s (retrying in %.1f s)", error, error.hint, wait)
@@ -299,6 +305,11 @@ class NotificationListener:
         if changed and state is StreamState.STREAMING:
             logger.info("stream open, reading notifications")
         return changed
+
+
+def _should_reconnect(error: BaseException) -> bool:
+    # A stop ends the retrying at once; tenacity's sleep would not block.
+    return isinstance(error, StreamError) and error.kind != "stopping"
 
 
 def _refusal(status: int, text: str) -> StreamError:
