@@ -9,6 +9,7 @@ deployment in one pass instead of one restart per mistake.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -80,6 +81,7 @@ class Settings:
     amplitude_batch_size: int = 100
     amplitude_flush_interval_seconds: float = 1.0
     amplitude_concurrency: int = 4
+    amplitude_throttle_seconds: float = 30.0
 
     # Which decisions are exposures.
     exposure_mode: str = "dispatched"
@@ -200,6 +202,9 @@ class _Reader:
         parse: Callable[[str], float] = int if integer else float
         try:
             value = parse(raw)
+            # float() accepts "nan" and "inf", which no setting can use.
+            if not integer and not math.isfinite(value):
+                raise ValueError(raw)
         except ValueError:
             kind = "a whole number" if integer else "a number"
             self.problems.append(f"{name}={raw!r} is not {kind}")
@@ -332,6 +337,9 @@ def load_settings(
         ),
         amplitude_concurrency=read.number(
             "AMPLITUDE_CONCURRENCY", 4, minimum=1, maximum=64, integer=True
+        ),
+        amplitude_throttle_seconds=read.number(
+            "AMPLITUDE_THROTTLE_SECONDS", 30.0, minimum=0.0, maximum=3600.0
         ),
         exposure_mode=read.choice("EXPOSURE_MODE", "dispatched", EXPOSURE_MODES),
         buffer_capacity=read.number(

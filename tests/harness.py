@@ -130,6 +130,10 @@ class DaemonProcess:
     def wait_for_stderr(self, text: str, timeout: float = 10.0) -> bool:
         return bool(wait_until(lambda: text in self.stderr, timeout))
 
+    def dead_letter_text(self) -> str:
+        path = Path(self.env["DEAD_LETTER_PATH"])
+        return path.read_text() if path.exists() else ""
+
     def dead_letters(self) -> list[dict[str, Any]]:
         path = Path(self.env["DEAD_LETTER_PATH"])
         if not path.exists():
