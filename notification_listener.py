@@ -174,6 +174,9 @@ class NotificationListener:
 
         started = time.monotonic()
         session = requests.Session()
+        # The Agent is a neighbour; a proxy meant for GA4 and Amplitude
+        # (HTTPS_PROXY in the environment) must not carry this stream.
+        session.trust_env = False
         session.mount("http://", _stream_adapter(self._remember_socket))
         session.mount("https://", _stream_adapter(self._remember_socket))
         try:
