@@ -7,7 +7,6 @@ the old one, so a replay can itself be replayed.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -54,9 +53,9 @@ def replay(settings: Settings, path: str, mask: SecretMasker) -> int:
         if letter.destination not in dispatchers or not letter.key:
             unusable.append(letter)
             continue
-        size = len(json.dumps(letter.event, separators=(",", ":"), ensure_ascii=False))
+        mapped = Mapped.of(letter.key, letter.event)
         by_destination.setdefault(letter.destination, []).append(
-            Outbound(Mapped(letter.key, letter.event, size), number, letter.received_ns)
+            Outbound(mapped, number, letter.received_ns)
         )
     if unusable:
         failures.write(unusable)
