@@ -39,6 +39,12 @@ _DRY_RUN_GA_ID = "G-DRYRUN"
 _DRY_RUN_SECRET = "dry-run-ga-secret"
 _DRY_RUN_KEY = "dry-run-amplitude-key"
 
+# The stream is open once connected with the request sent and not refused;
+# no byte need have arrived, as the Agent answers with its first notification.
+_OPEN_STATES = frozenset(
+    {StreamState.AWAITING_FIRST_NOTIFICATION, StreamState.STREAMING}
+)
+
 
 def dry_run_poster(out: TextIO, mask: SecretMasker) -> Poster:
     """Print each request as one JSON line instead of sending it."""
@@ -181,6 +187,11 @@ class Daemon:
             metrics,
         )
         self.listener = NotificationListener(settings, self.buffer, metrics)
+        # Not set by the listener itself, which learns of the Agent's answer
+        # only with the first notification: "open" here is what /readyz says.
+        metrics.watch(
+            metrics.stream_connected, lambda: self.listener.state in _OPEN_STATES
+        )
         self._summary_stop = threading.Event()
         self._summary = threading.Thread(
             target=self._summarise, name="summary", daemon=True
@@ -205,9 +216,12 @@ class Daemon:
 
     def liveness(self) -> tuple[bool, str]:
         threshold = self.settings.wedged_after_seconds
-        if not self.listener.is_alive() and not self.draining.is_set():
+        # A drain ends the listener and the workers on purpose; only a stuck
+        # sender means the process needs a restart then.
+        draining = self.draining.is_set()
+        if not self.listener.is_alive() and not draining:
             return False, "listener thread is not running"
-        problems = self.workers.dead()
+        problems = [] if draining else self.workers.dead()
         now = time.monotonic()
         problems += [
             b.name for b in self.workers.heartbeats if b.stuck_for(now) > threshold
@@ -224,10 +238,7 @@ class Daemon:
         parts["stream"] = state.value
         if self.listener.state_detail:
             parts["stream_detail"] = self.mask(self.listener.state_detail)
-        ready = state in (
-            StreamState.AWAITING_FIRST_NOTIFICATION,
-            StreamState.STREAMING,
-        )
+        ready = state in _OPEN_STATES
         if self.draining.is_set():
             parts["lifecycle"] = "draining"
             ready = False

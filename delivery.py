@@ -215,14 +215,23 @@ class Dispatcher:
         now = time.monotonic()
         with self._cond:
             for outbound in outbounds:
-                while self._count >= self._capacity:
+                kept = self._keep_on_shutdown and self._abort.is_set()
+                while self._count >= self._capacity and not kept:
                     if self._block_when_full and not self._abort.is_set():
+                        # Only the senders make room, and they may be asleep
+                        # until told that this queue is no longer empty.
+                        self._cond.notify_all()
                         self._cond.wait(1.0)
+                        kept = self._keep_on_shutdown and self._abort.is_set()
                         continue
                     dropped = self._pop_oldest()
                     if dropped is None:
                         break
                     overflow.append(dropped)
+                if kept:
+                    # Shutdown came first and no sender is left: the rest stay
+                    # unacknowledged in the spool for the next start.
+                    break
                 outbound.enqueued = now
                 line = self._pending.get(outbound.key)
                 if line is None:
@@ -414,11 +423,16 @@ class Dispatcher:
                 extra={"destination": self.name, "status": reason, "count": len(batch)},
             )
 
+        def sleep(seconds: float) -> None:
+            # Waiting out a backoff or a Retry-After is not being stuck.
+            beat.idle()
+            self._sleep(seconds)
+
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             wait=wait,
             stop=stop,
-            sleep=self._sleep,
+            sleep=sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
