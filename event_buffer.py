@@ -11,6 +11,7 @@ soon as it is taken, while the disk spool (spool.py) keeps it until acked.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -66,7 +67,7 @@ class DropReporter:
         self._what = what
         self._lock = threading.Lock()
         self._unreported: dict[str, int] = {}
-        self._last_log = 0.0
+        self._last_log = -math.inf  # the first drop is always logged
 
     def dropped(self, reason: str, count: int = 1) -> None:
         self._metrics.buffer_dropped.labels(reason).inc(count)

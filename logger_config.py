@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 MASK = "***"
 
@@ -30,7 +30,15 @@ class SecretMasker:
         forms: set[str] = set()
         for secret in secrets:
             if secret:
-                forms.update({secret, quote(secret, safe=""), quote(secret)})
+                forms.update(
+                    {
+                        secret,
+                        quote(secret, safe=""),
+                        quote(secret),
+                        quote_plus(secret),  # urlencode's form, as in a query
+                        json.dumps(secret, ensure_ascii=False)[1:-1],  # JSON lines
+                    }
+                )
         # Longest first, so a secret containing another is masked whole.
         self._forms = sorted(forms, key=len, reverse=True)
 

@@ -183,7 +183,6 @@ class NotificationListener:
             response = self._open(session)
             self._metrics.stream_connected.set(1)
             self._set_state(StreamState.STREAMING)
-            self._write_timeout_cuts = 0
             self._last_failure = ""
             self._read(response)
             ended_by = "the Agent closed the stream"
@@ -217,6 +216,10 @@ class NotificationListener:
                     "write timeout is cutting them; set "
                     "OPTIMIZELY_SERVER_WRITETIMEOUT=0 on the Agent"
                 )
+        else:
+            # Counted across reconnects: a write-timeout cut usually comes
+            # after the stream opened and delivered a few notifications.
+            self._write_timeout_cuts = 0
         raise StreamError(f"{ended_by} after {lived:.1f} s", kind="ended", hint=hint)
 
     def _open(self, session: requests.Session) -> requests.Response:

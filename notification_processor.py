@@ -131,10 +131,8 @@ class NotificationProcessor:
         conversion = conversion if isinstance(conversion, dict) else {}
 
         revenue = conversion.get("revenue", tags.get("revenue"))
-        if isinstance(revenue, float) and math.isfinite(revenue):
-            revenue = int(revenue)  # Optimizely truncates revenue to an integer
-        if not isinstance(revenue, int) or isinstance(revenue, bool):
-            revenue = None
+        # Optimizely truncates revenue to an integer.
+        revenue = int(revenue) if _is_finite_number(revenue) else None
         value = conversion.get("value", tags.get("value"))
         if not _is_finite_number(value):
             value = None
@@ -186,11 +184,12 @@ class NotificationProcessor:
 
 
 def _is_finite_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _object(document: Mapping[str, Any], key: str) -> dict[str, Any]:
