@@ -268,6 +268,7 @@ class Daemon:
                 logger.warning(
                     "%s: %d events undelivered at the deadline", dispatcher.name, left
                 )
+        self.buffer.report_drops()
         unprocessed = self.buffer.depth()
         if isinstance(self.buffer, SpoolBuffer):
             self.buffer.shutdown()

@@ -51,6 +51,10 @@ class EventBuffer(Protocol):
 
     def depth(self) -> int: ...
 
+    def report_drops(self) -> None:
+        """Log drops the rate limit has held back; called at shutdown."""
+        ...
+
     def close(self) -> None:
         """No more puts; `take` returns [] at once when empty."""
         ...
@@ -69,6 +73,12 @@ class DropReporter:
         self._unreported: dict[str, int] = {}
         self._last_log = -math.inf  # the first drop is always logged
 
+    def report_now(self) -> None:
+        """Log drops not yet reported, e.g. at shutdown."""
+        with self._lock:
+            report, self._unreported = self._unreported, {}
+        self._log(report)
+
     def dropped(self, reason: str, count: int = 1) -> None:
         self._metrics.buffer_dropped.labels(reason).inc(count)
         with self._lock:
@@ -78,9 +88,12 @@ class DropReporter:
                 return
             report, self._unreported = self._unreported, {}
             self._last_log = now
+        self._log(report)
+
+    def _log(self, report: dict[str, int]) -> None:
         for why, n in report.items():
             logger.warning(
-                "%s full, dropped %d notifications (%s)",
+                "%s dropped %d notifications (%s)",
                 self._what,
                 n,
                 why,
@@ -103,6 +116,10 @@ class MemoryBuffer:
     def put_many(self, frames: list[tuple[bytes, int]]) -> None:
         dropped_oldest = dropped_newest = 0
         with self._ready:
+            if self._closed:
+                # The workers may be gone already: nobody would take these.
+                self._drops.dropped("after_shutdown", len(frames))
+                return
             for data, received_ns in frames:
                 if len(self._items) >= self.capacity:
                     if not self._drop_oldest:
@@ -131,6 +148,9 @@ class MemoryBuffer:
 
     def depth(self) -> int:
         return len(self._items)
+
+    def report_drops(self) -> None:
+        self._drops.report_now()
 
     def close(self) -> None:
         with self._ready:

@@ -236,7 +236,9 @@ class NotificationListener:
             timeout=(self._settings.stream_connect_timeout_seconds, None),
         )
         if response.status_code // 100 != 2:
-            text = response.text[:300].strip()
+            # Only the start of the body: an error page need not end soon.
+            head = next(response.iter_content(chunk_size=300), b"")
+            text = head.decode("utf-8", "replace").strip()
             response.close()
             raise _refusal(response.status_code, text)
         return response

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,6 +33,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Amplitude's HTTP V2 API refuses more than 2000 events in one request.
 AMPLITUDE_MAX_BATCH_SIZE = 2000
+
+# The Agent's default client.sdkKeyRegex.
+_SDK_KEY_FORM = re.compile(r"[a-zA-Z0-9+/=_]+(:[a-zA-Z0-9+/=_]+)?")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -246,10 +250,11 @@ def load_settings(
         problems.append(
             "OPTIMIZELY_SDK_KEY is required: the SDK key of the Agent's project"
         )
-    elif "-" in sdk_key:
+    elif not _SDK_KEY_FORM.fullmatch(sdk_key):
         problems.append(
-            "OPTIMIZELY_SDK_KEY contains a hyphen; the Agent rejects such keys "
-            "('sdkKey failed validation')"
+            "OPTIMIZELY_SDK_KEY may hold only letters, digits, +, /, = and _ "
+            "(optionally ':' and a datafile token); the Agent rejects other keys, "
+            "hyphens included ('sdkKey failed validation')"
         )
 
     notification_filter: tuple[str, ...] = ()

@@ -64,6 +64,7 @@ class SpoolBuffer:
         self._acks: list[int] = []
         self._last_ack_flush = time.monotonic()
         self._puts_since_size_check = 0
+        self._over_limit = False
         self._memory: deque[Envelope] = deque()
         self._next_memory_id = _MEMORY_ID_BASE
         self._disk_failed_at: float | None = None
@@ -78,7 +79,7 @@ class SpoolBuffer:
             self._directory.mkdir(parents=True, exist_ok=True)
             self._db = self._connect()
         except (sqlite3.DatabaseError, OSError) as error:
-            if isinstance(error, sqlite3.DatabaseError) and self._path.exists():
+            if _is_corrupt(error) and self._path.exists():
                 self._move_aside(error)
                 try:
                     self._db = self._connect()
@@ -124,7 +125,7 @@ class SpoolBuffer:
         return db
 
     def _move_aside(self, error: Exception) -> None:
-        aside = self._path.with_name(f"{SPOOL_FILE}.corrupt-{int(time.time())}")
+        aside = self._path.with_name(f"{SPOOL_FILE}.corrupt-{time.time_ns()}")
         for suffix in ("", "-wal", "-shm"):
             source = Path(str(self._path) + suffix)
             if source.exists():
@@ -144,8 +145,12 @@ class SpoolBuffer:
             return
         with self._ready:
             if self._use_disk():
+                # What memory kept while the disk failed is older: it goes
+                # first, so the order holds, and it becomes durable too.
+                backlog = [(e.data, e.received_ns) for e in self._memory]
                 try:
-                    self._insert(frames)
+                    self._insert(backlog + frames)
+                    self._memory.clear()
                     self._ready.notify(len(frames))
                     return
                 except (sqlite3.DatabaseError, OSError) as error:
@@ -185,6 +190,9 @@ class SpoolBuffer:
             self._acks.extend(i for i in envelope_ids if i < _MEMORY_ID_BASE)
             self._flush_acks(force=False)
 
+    def report_drops(self) -> None:
+        self._drops.report_now()
+
     def depth(self) -> int:
         return self._waiting + len(self._memory)
 
@@ -210,10 +218,13 @@ class SpoolBuffer:
     def _insert(self, frames: list[tuple[bytes, int]]) -> None:
         assert self._db is not None
         self._puts_since_size_check += len(frames)
-        if self._puts_since_size_check >= _SIZE_CHECK_EVERY:
+        # Measuring costs three queries, so it is done every so many frames;
+        # once over the bound, on every put until acknowledgements free room.
+        if self._over_limit or self._puts_since_size_check >= _SIZE_CHECK_EVERY:
             self._puts_since_size_check = 0
             self._enforce_size()
-            if not self._drop_oldest and self._over_size():
+            self._over_limit = self._over_size()
+            if self._over_limit and not self._drop_oldest:
                 self._drops.dropped("spool_full_drop_newest", len(frames))
                 return
         self._db.execute("BEGIN")
@@ -224,7 +235,9 @@ class SpoolBuffer:
             )
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A failed ROLLBACK must not hide the error that says why.
+            with contextlib.suppress(sqlite3.DatabaseError):
+                self._db.execute("ROLLBACK")
             raise
         self._waiting += len(frames)
 
@@ -241,15 +254,17 @@ class SpoolBuffer:
         assert self._db is not None
         dropped = 0
         while self._over_size():
+            # Rows already handed out are on their way to the destinations:
+            # deleting them would count as dropped what is then delivered.
             cursor = self._db.execute(
-                "DELETE FROM notifications WHERE id IN"
-                " (SELECT id FROM notifications ORDER BY id LIMIT 1000)"
+                "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications"
+                " WHERE id > ? ORDER BY id LIMIT 1000)",
+                (self._cursor,),
             )
             if not cursor.rowcount:
                 break
             dropped += cursor.rowcount
         if dropped:
-            # The dropped rows may include ones not handed out yet.
             self._waiting = self._db.execute(
                 "SELECT COUNT(*) FROM notifications WHERE id > ?", (self._cursor,)
             ).fetchone()[0]
@@ -310,6 +325,14 @@ class SpoolBuffer:
                 extra={"reason": reason},
             )
         self._disk_failed_at = time.monotonic()
+
+
+def _is_corrupt(error: BaseException) -> bool:
+    # OperationalError is the disk or the environment (locked, full, cannot
+    # open, read-only): the file may be fine, so it must not be moved aside.
+    return isinstance(error, sqlite3.DatabaseError) and not isinstance(
+        error, sqlite3.OperationalError
+    )
 
 
 def _reason(error: BaseException) -> str:

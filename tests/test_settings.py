@@ -276,13 +276,26 @@ def test_sdk_key_is_required():
     assert problems[0].startswith("OPTIMIZELY_SDK_KEY is required")
 
 
+@pytest.mark.parametrize("key", ["dot.ted_key", "bang!key", "two:colons:key"])
+def test_keys_the_agent_would_refuse_are_rejected(key):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**MINIMAL, "OPTIMIZELY_SDK_KEY": key})
+    assert "OPTIMIZELY_SDK_KEY may hold only" in str(caught.value)
+
+
+def test_a_key_with_a_datafile_token_is_accepted():
+    settings = load_settings({**MINIMAL, "OPTIMIZELY_SDK_KEY": "abc123:tok/en+="})
+    assert settings.sdk_key == "abc123:tok/en+="
+
+
 def test_hyphenated_sdk_key_is_rejected_without_echoing_it():
     key = "secret-sdk-key-4711"
 
     with pytest.raises(ConfigError) as caught:
         load_settings({**MINIMAL, "OPTIMIZELY_SDK_KEY": key})
 
-    assert "OPTIMIZELY_SDK_KEY contains a hyphen" in str(caught.value)
+    assert "OPTIMIZELY_SDK_KEY may hold only" in str(caught.value)
+    assert "hyphens included" in str(caught.value)
     assert "4711" not in str(caught.value)
 
 
