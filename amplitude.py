@@ -23,6 +23,7 @@ from settings import AMPLITUDE_MAX_BATCH_SIZE, Settings
 _MAX_BODY_BYTES = 1_000_000  # the API answers 413 from 1 MB on
 _STRING_LENGTH = 1024
 _MAX_KEYS = 1024
+_SAFE_INTEGER = 2**53
 _MAX_DEPTH = 40
 _RENAME_PREFIX = "[Optimizely] "
 _OPTIMIZELY_ATTRIBUTE = "$opt_"
@@ -269,8 +270,14 @@ class AmplitudeDestination:
         kind = type(value)
         if kind is str:
             return self._clip(value)
-        if kind is int or kind is bool or value is None:
+        if kind is bool or value is None:
             return value
+        if kind is int:
+            if -_SAFE_INTEGER <= value <= _SAFE_INTEGER:
+                return value
+            # Beyond what a JSON reader keeps exactly: keep the digits as text.
+            self.adjustments["property_huge_integer"] += 1
+            return self._clip(str(value))
         if kind is float:
             if math.isfinite(value):
                 return value

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -44,6 +45,7 @@ Answer = tuple[int, bytes, dict[str, str]]
 Poster = Callable[[requests.Session, str, str, bytes], Answer]
 
 _ERROR_LOG_INTERVAL_SECONDS = 60.0
+_OVERFLOW_LOG_INTERVAL_SECONDS = 10.0
 
 
 @dataclass(slots=True, eq=False)
@@ -187,6 +189,8 @@ class Dispatcher:
         self._abort = threading.Event()
         self._sleep = sleep or self._abort.wait
         self._error_logged: dict[str, float] = {}
+        self._overflow_unreported = 0
+        self._overflow_logged_at = -math.inf
 
         self._delivered = metrics.delivered.labels(self.name)
         self._latency = metrics.latency.labels(self.name)
@@ -241,6 +245,7 @@ class Dispatcher:
             self._cond.notify()
         if overflow:
             self._give_up(overflow, "queue_overflow", None)
+            self._report_overflow(len(overflow))
 
     def depth(self) -> int:
         return self._count
@@ -595,6 +600,22 @@ class Dispatcher:
             ]
         )
         self._tracker.done(o.envelope_id for o in outbounds)
+
+    def _report_overflow(self, count: int) -> None:
+        """Log overflow at most every ten seconds, with the count since."""
+        now = time.monotonic()
+        with self._cond:
+            self._overflow_unreported += count
+            if now - self._overflow_logged_at < _OVERFLOW_LOG_INTERVAL_SECONDS:
+                return
+            count, self._overflow_unreported = self._overflow_unreported, 0
+            self._overflow_logged_at = now
+        logger.warning(
+            "%s queue full: dead-lettered its %d oldest events (queue_overflow)",
+            self.name,
+            count,
+            extra={"destination": self.name, "count": count},
+        )
 
     def _log_error_once(self, message: str) -> None:
         now = time.monotonic()

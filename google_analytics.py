@@ -31,6 +31,7 @@ _MAX_BODY_BYTES = 130_000  # GA refuses bodies of this size or more
 _ENVELOPE_BYTES = 2_048
 
 _MAX_PARAMS = 25
+_SAFE_INTEGER = 2**53
 _NAME_LENGTH = 40
 _VALUE_LENGTH = 100
 _USER_ID_LENGTH = 256
@@ -275,7 +276,11 @@ class Ga4Destination:
             # GA params are strings or numbers; 1/0 can still be summed.
             return int(value)
         if kind is int:
-            return value
+            if -_SAFE_INTEGER <= value <= _SAFE_INTEGER:
+                return value
+            # Beyond what a JSON reader keeps exactly: send the nearest float.
+            value, kind = _as_float(value), float
+            self.adjustments["param_huge_integer"] += 1
         if kind is float:
             if math.isfinite(value):
                 return value
@@ -402,3 +407,10 @@ def _validation_warnings(body: bytes) -> list[str]:
         for message in messages
         if isinstance(message, dict)
     ]
+
+
+def _as_float(value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf

@@ -450,7 +450,7 @@ def _filter_categories(values: list[str] | None) -> frozenset[str]:
 def _category_of_payload(payload: bytes) -> str:
     try:
         value = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurd nesting
         return "decision"
     return notification_category(value) if isinstance(value, dict) else "decision"
 

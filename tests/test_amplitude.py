@@ -892,3 +892,12 @@ def test_every_request_stays_under_1_mb(batch_size: int, tags: int, emoji: int) 
     else:
         # The byte limit made these batches, and filled them.
         assert max(sizes) > 950_000
+
+
+def test_integers_beyond_json_precision_keep_their_digits_as_text(
+    amp: AmplitudeDestination,
+) -> None:
+    event = mapped(amp, conversion(tags={"big": 10**30, "fine": -(2**53)})).event
+    assert event["event_properties"]["big"] == str(10**30)
+    assert event["event_properties"]["fine"] == -(2**53)
+    assert amp.adjustments["property_huge_integer"] == 1

@@ -225,7 +225,7 @@ def test_too_large_batches_are_halved_and_a_lone_event_dead_lettered(tmp_path):
     assert [x["reason"] for x in _letters(dispatcher)] == ["too_large"]
 
 
-def test_a_full_queue_dead_letters_its_oldest_events(tmp_path):
+def test_a_full_queue_dead_letters_its_oldest_events(tmp_path, caplog):
     release = threading.Event()
     recorder = Recorder(lambda events: (release.wait(10), (200, {}))[1])
     dispatcher = _dispatcher(tmp_path, recorder, destination_queue_capacity=5)
@@ -239,6 +239,7 @@ def test_a_full_queue_dead_letters_its_oldest_events(tmp_path):
     dispatcher.abort()
     letters = _letters(dispatcher)
     assert [x["reason"] for x in letters] == ["queue_overflow"] * 3
+    assert "amplitude queue full: dead-lettered its 3 oldest events" in caplog.text
     assert [x["event"]["seq"] for x in letters] == [100, 101, 102]
     assert dispatcher.metrics.total("listener_events_delivered") == 4 + 5
 

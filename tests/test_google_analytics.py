@@ -914,3 +914,13 @@ def test_lone_surrogates_are_replaced(ga: Ga4Destination) -> None:
 
     assert result.event["params"]["bad"] == "x?y"
     assert result.size == len(compact(result.event))
+
+
+def test_integers_beyond_json_precision_are_sent_as_floats(ga: Ga4Destination) -> None:
+    event = mapped(ga, conversion(tags={"big": 10**30, "fine": 2**53}))
+    params = event.event["params"]
+    assert params["big"] == 1e30 and isinstance(params["big"], float)
+    assert params["fine"] == 2**53
+    assert ga.adjustments["param_huge_integer"] == 1
+    # Too large even for a float: dropped, not sent as a 400-digit number.
+    assert "huge" not in mapped(ga, conversion(tags={"huge": 10**400})).event["params"]
