@@ -16,7 +16,15 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from destination import Mapped, Rejected, Request, SendResult, retry_after_seconds
+from destination import (
+    EVENTS,
+    Mapped,
+    Rejected,
+    Request,
+    SendResult,
+    retry_after_seconds,
+    with_events,
+)
 from notifications import Conversion, Exposure, Notification
 from settings import AMPLITUDE_MAX_BATCH_SIZE, Settings
 
@@ -139,7 +147,12 @@ class AmplitudeDestination:
 
     def build_request(self, events: list[Mapped]) -> Request:
         """One HTTP V2 upload; the key is in the body, so the URL is safe."""
-        return Request(self._url, self._url, self._body([m.event for m in events]))
+        return Request(
+            self._url,
+            self._url,
+            self._body([m.event for m in events]),
+            with_events(self._body(EVENTS), events),
+        )
 
     def read_response(
         self,
@@ -185,7 +198,7 @@ class AmplitudeDestination:
             "check AMPLITUDE_TRACKING_URL",
         )
 
-    def _body(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+    def _body(self, events: Any) -> dict[str, Any]:
         # min_id_length 1: Amplitude would silently strip user ids shorter
         # than its default of 5 characters.
         return {

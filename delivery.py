@@ -17,7 +17,6 @@ in silence.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -134,8 +133,14 @@ def http_poster(settings: Settings) -> Poster:
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
 
     def post(session: requests.Session, url: str, safe_url: str, body: bytes) -> Answer:
+        if session.trust_env:
+            # Read the environment's proxies once per session rather than on
+            # every request; with .netrc lookups that costs more than a send.
+            session.trust_env = False
+            session.proxies.update(requests.utils.get_environ_proxies(url))
+            session.headers.update(headers)
         try:
-            response = session.post(url, data=body, headers=headers, timeout=timeout)
+            response = session.post(url, data=body, timeout=timeout)
             content = response.content
         except requests.RequestException as error:
             # The exception text can hold the URL with GA's api_secret in it:
@@ -375,8 +380,7 @@ class Dispatcher:
     ) -> None:
         events = [outbound.mapped for outbound in batch]
         request = self._destination.build_request(events)
-        body = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False)
-        payload = body.encode("utf-8")
+        payload = request.encoded()
         started = time.monotonic()
         for outbound in batch:
             if outbound.first_attempt is None:

@@ -24,6 +24,10 @@ _ENCODER = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), check_circular=False
 )
 
+# Stands where `with_events` splices the list of events into an envelope.
+EVENTS = "\x00events\x00"
+_EVENTS_JSON = _ENCODER.encode(EVENTS)
+
 
 @dataclass(frozen=True, slots=True)
 class Mapped:
@@ -31,26 +35,28 @@ class Mapped:
 
     `key` orders delivery: events with the same key go out in receipt order
     and never in two requests at once (the user id for Amplitude, the GA
-    client id for GA4). `size` is the compact JSON size of `event` in bytes.
+    client id for GA4). `size` is the compact JSON size of `event` in bytes;
+    `encoded` is that JSON when `of` made it, so a request body can reuse it
+    instead of encoding every event a second time.
     """
 
     key: str
     event: dict[str, Any]
     size: int
+    encoded: bytes = b""
 
     @classmethod
     def of(cls, key: str, event: dict[str, Any]) -> Mapped:
         """Wrap `event`, measuring its size."""
         text = _ENCODER.encode(event)
-        if text.isascii():
-            return cls(key, event, len(text))
         try:
-            return cls(key, event, len(text.encode()))
+            data = text.encode()
         except UnicodeEncodeError:
             # A lone surrogate (JSON "\ud800") has no UTF-8 form, so no body
             # holding it could be sent; "?" in its place keeps the event.
             data = text.encode(errors="replace")
-            return cls(key, json.loads(data), len(data))
+            return cls(key, json.loads(data), len(data), data)
+        return cls(key, event, len(data), data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,23 @@ class Request:
     url: str
     safe_url: str
     body: dict[str, Any]
+    payload: bytes = b""  # `body` as sent; empty: encode `body`
+
+    def encoded(self) -> bytes:
+        if self.payload:
+            return self.payload
+        return _ENCODER.encode(self.body).encode()
+
+
+def with_events(envelope: dict[str, Any], events: list[Mapped]) -> bytes:
+    """`envelope`'s JSON with the events' own encodings spliced in as "events".
+
+    The envelope holds `EVENTS` where the list goes, which keeps its key
+    order; events made without `Mapped.of` are encoded here.
+    """
+    head, tail = _ENCODER.encode(envelope).split(_EVENTS_JSON)
+    parts = [m.encoded or _ENCODER.encode(m.event).encode() for m in events]
+    return b"".join((head.encode(), b"[", b",".join(parts), b"]", tail.encode()))
 
 
 @dataclass(slots=True)

@@ -19,7 +19,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from destination import Mapped, Rejected, Request, SendResult, retry_after_seconds
+from destination import (
+    EVENTS,
+    Mapped,
+    Rejected,
+    Request,
+    SendResult,
+    retry_after_seconds,
+    with_events,
+)
 from notifications import Conversion, Exposure, Notification
 from settings import Settings
 
@@ -150,8 +158,10 @@ class Ga4Destination:
         if user_id:
             body["user_id"] = user_id
         body["timestamp_micros"] = min(m.event["timestamp_micros"] for m in events)
+        body["events"] = EVENTS
+        payload = with_events(body, events)
         body["events"] = [m.event for m in events]
-        return Request(self._url, self._safe_url, body)
+        return Request(self._url, self._safe_url, body, payload)
 
     def read_response(
         self,

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SPOOL_FILE = "spool.sqlite3"
 _ACK_BATCH = 512
+_DELETE_CHUNK = 500  # ids per DELETE, within SQLite's bound on parameters
 _ACK_MAX_DELAY_SECONDS = 0.2
 _SIZE_CHECK_EVERY = 1000
 # Envelopes kept in memory while the disk refuses writes get ids far above
@@ -69,6 +70,10 @@ class SpoolBuffer:
         self._next_memory_id = _MEMORY_ID_BASE
         self._disk_failed_at: float | None = None
         self._db: sqlite3.Connection | None = None
+        # Workers read through their own connection, so a SELECT never holds
+        # the lock the listener needs to write (WAL lets both run at once).
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
         self.recovered = 0
         self._open()
 
@@ -88,6 +93,16 @@ class SpoolBuffer:
             else:
                 self._disk_failure("open", error)
         if self._db is not None:
+            try:
+                self._reader = sqlite3.connect(
+                    self._path, check_same_thread=False, isolation_level=None
+                )
+                self._reader.execute("PRAGMA query_only=1")
+            except sqlite3.DatabaseError as error:
+                self._disk_failure("open", error)
+                self._db.close()
+                self._db = self._reader = None
+                return
             self.recovered = self._waiting
             if self.recovered:
                 logger.info(
@@ -159,31 +174,36 @@ class SpoolBuffer:
             self._ready.notify(len(frames))
 
     def take(self, max_items: int, timeout_seconds: float) -> list[Envelope]:
-        with self._ready:
-            self._flush_acks(force=False)
-            if not self._waiting and not self._memory and not self._closed:
-                self._ready.wait(timeout_seconds)
-            taken: list[Envelope] = []
-            if self._waiting and self._db is not None:
+        # One taker at a time, so rows are handed out in order exactly once.
+        with self._read_lock:
+            with self._ready:
+                self._flush_acks(force=False)
+                if not self._waiting and not self._memory and not self._closed:
+                    self._ready.wait(timeout_seconds)
+                cursor = self._cursor
+                from_disk = bool(self._waiting) and self._reader is not None
+            rows = []
+            if from_disk:
+                assert self._reader is not None
                 try:
-                    rows = self._db.execute(
+                    rows = self._reader.execute(
                         "SELECT id, received_ns, data FROM notifications"
                         " WHERE id > ? ORDER BY id LIMIT ?",
-                        (self._cursor, max_items),
+                        (cursor, max_items),
                     ).fetchall()
                 except sqlite3.DatabaseError as error:
-                    self._disk_failure("read", error)
-                    rows = []
-                for row_id, received_ns, data in rows:
-                    taken.append(Envelope(row_id, received_ns, bytes(data)))
+                    with self._ready:
+                        self._disk_failure("read", error)
+            with self._ready:
+                taken = [Envelope(i, ns, bytes(data)) for i, ns, data in rows]
                 if rows:
                     self._cursor = rows[-1][0]
                     self._waiting = max(0, self._waiting - len(rows))
-                else:
+                elif from_disk:
                     self._waiting = 0
-            while self._memory and len(taken) < max_items:
-                taken.append(self._memory.popleft())
-            return taken
+                while self._memory and len(taken) < max_items:
+                    taken.append(self._memory.popleft())
+                return taken
 
     def ack(self, envelope_ids: list[int]) -> None:
         with self._lock:
@@ -203,11 +223,12 @@ class SpoolBuffer:
 
     def shutdown(self) -> None:
         """Apply pending acknowledgements and close the database."""
-        with self._lock:
+        with self._read_lock, self._lock:
             self._flush_acks(force=True)
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            for connection in (self._reader, self._db):
+                if connection is not None:
+                    connection.close()
+            self._db = self._reader = None
 
     @property
     def closed_and_empty(self) -> bool:
@@ -280,9 +301,13 @@ class SpoolBuffer:
         self._last_ack_flush = time.monotonic()
         try:
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "DELETE FROM notifications WHERE id = ?", [(i,) for i in acks]
-            )
+            for start in range(0, len(acks), _DELETE_CHUNK):
+                chunk = acks[start : start + _DELETE_CHUNK]
+                self._db.execute(
+                    "DELETE FROM notifications WHERE id IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
             self._db.execute("COMMIT")
         except (sqlite3.DatabaseError, OSError) as error:
             with contextlib.suppress(sqlite3.DatabaseError):
