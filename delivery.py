@@ -81,12 +81,17 @@ class CompletionTracker:
         self._remaining: dict[int, int] = {}
         self._lock = threading.Lock()
 
-    def expect(self, envelope_id: int, count: int) -> None:
-        if count == 0:
-            self._ack([envelope_id])
-            return
+    def expect(self, expected: list[tuple[int, int]]) -> None:
+        """Each (envelope id, events made of it); none made means settled."""
+        settled = []
         with self._lock:
-            self._remaining[envelope_id] = count
+            for envelope_id, count in expected:
+                if count:
+                    self._remaining[envelope_id] = count
+                else:
+                    settled.append(envelope_id)
+        if settled:
+            self._ack(settled)
 
     def done(self, envelope_ids: Iterable[int]) -> None:
         finished = []

@@ -29,7 +29,7 @@ EVENTS = "\x00events\x00"
 _EVENTS_JSON = _ENCODER.encode(EVENTS)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Mapped:
     """One destination event made from a notification, ready to batch.
 
@@ -37,7 +37,8 @@ class Mapped:
     and never in two requests at once (the user id for Amplitude, the GA
     client id for GA4). `size` is the compact JSON size of `event` in bytes;
     `encoded` is that JSON when `of` made it, so a request body can reuse it
-    instead of encoding every event a second time.
+    instead of encoding every event a second time. Nothing changes a Mapped;
+    it is not frozen because one is built per event and freezing costs.
     """
 
     key: str

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +52,9 @@ HEALTHY_PERIOD_SECONDS = 60.0
 # request began; streams that keep ending near it point at that setting.
 _WRITE_TIMEOUT_WINDOW = (9.0, 12.0)
 _WRITE_TIMEOUT_HINT_AFTER = 2
+
+# Most frames handed to the buffer in one batch during a burst.
+_HAND_OVER_BATCH = 512
 
 _KEEPALIVE_OPTIONS = [
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
@@ -252,20 +257,37 @@ class NotificationListener:
             self.received += 1
 
     def _chunks(self, response: requests.Response) -> Iterator[bytes]:
-        """Whole network chunks, with every parsed frame handed over first.
+        """Whole network chunks, with parsed frames handed over before a wait.
 
-        Flushing before each read makes a frame durable (when the buffer is
-        the spool) before the listener asks the Agent for more, while still
-        writing a burst of frames in one batch.
+        The Agent sends every notification in its own chunk. Frames are
+        handed over in one batch when the next read would wait for the
+        network (or the batch is large): a burst becomes one write to the
+        spool, and a frame is durable before the listener waits for more.
         """
         chunks = response.iter_content(chunk_size=None)
         while True:
-            self._flush()
+            if self._pending and (
+                len(self._pending) >= _HAND_OVER_BATCH or not self._more_arrived()
+            ):
+                self._flush()
             try:
                 chunk = next(chunks)
             except StopIteration:
                 return
             yield chunk
+
+    def _more_arrived(self) -> bool:
+        """Whether the socket holds bytes, so reading them will not wait."""
+        sock = self._socket
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
     def _flush(self) -> None:
         if self._pending:

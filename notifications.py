@@ -1,7 +1,9 @@
 """The records the processor makes of the Agent's notifications.
 
 Each destination's mapping turns these into its own payloads; nothing
-downstream of the processor ever looks at the Agent's JSON again.
+downstream of the processor ever looks at the Agent's JSON again. They are
+not frozen only because a frozen dataclass costs several times as much to
+build, and one is built for every notification; nothing changes them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Exposure:
     """A user was shown a variation of a flag or experiment."""
 
@@ -26,7 +28,7 @@ class Exposure:
     identity: str  # hex digest, stable across resends and replays
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Conversion:
     """A user triggered a tracked event."""
 

@@ -126,8 +126,7 @@ class WorkerPool:
             while self._serving != ticket:
                 self._turn.wait()
         try:
-            for envelope_id, count in expected:
-                self._tracker.expect(envelope_id, count)
+            self._tracker.expect(expected)
             for (_, dispatcher), outbounds in zip(self._routes, per_route, strict=True):
                 if outbounds:
                     dispatcher.submit(outbounds)
