@@ -195,6 +195,7 @@ class Dispatcher:
         self._busy: set[str] = set()
         self._held: dict[str, float] = {}
         self._in_flight = 0
+        self._sending: dict[int, list[Outbound]] = {}  # batches in requests
         self._flushing = False
         self._abort = threading.Event()
         self._sleep = sleep or self._abort.wait
@@ -278,16 +279,24 @@ class Dispatcher:
                 self._cond.wait(remaining)
         return True
 
-    def abort(self, join_seconds: float = 5.0) -> int:
-        """Stop retrying; settle whatever is left as `shutdown`. Returns its count."""
+    def abort(self, join_seconds: float = 1.0) -> int:
+        """Stop retrying; settle whatever is left as `shutdown`. Returns its count.
+
+        A sender still inside a request after `join_seconds` is not waited
+        for: its batch is settled here too, as the process is about to end.
+        """
         self._abort.set()
         with self._cond:
             self._cond.notify_all()
+        deadline = time.monotonic() + join_seconds
         for thread in self._threads:
-            thread.join(join_seconds)
+            thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
             left = [outbound for line in self._pending.values() for outbound in line]
+            for batch in self._sending.values():
+                left.extend(batch)
             self._pending.clear()
+            self._sending.clear()
             self._count = 0
         self._abandon(left)
         return len(left)
@@ -332,6 +341,7 @@ class Dispatcher:
                 if batch:
                     beat.busy()
                     self._in_flight += 1
+                    self._sending[id(batch)] = batch
                     if self._count:
                         self._cond.notify()  # more may be ready for another sender
                     return batch
@@ -454,8 +464,8 @@ class Dispatcher:
             status, result = retrying(attempt)
         except TransientError as error:
             if self._abort.is_set():
-                self._abandon(batch)
-                self._finish(batch, [], {})
+                if self._claim(batch):
+                    self._abandon(batch)
                 return
             logger.error(
                 "%s: gave up on %d events after %.0f s: %s",
@@ -468,6 +478,8 @@ class Dispatcher:
             self._give_up(batch, "retries_exhausted", error.status)
             self._finish(batch, [], {})
             return
+        if self._abort.is_set() and id(batch) not in self._sending:
+            return  # abort() gave up on it while the answer was on its way
         self._settle(batch, status, result)
 
     def _timed_post(
@@ -555,6 +567,9 @@ class Dispatcher:
     ) -> None:
         """Release the batch's keys, putting `again` back at the front."""
         with self._cond:
+            self._in_flight -= 1
+            if self._sending.pop(id(batch), None) is None:
+                return  # abort() has settled this batch already
             for outbound in reversed(again):
                 line = self._pending.get(outbound.key)
                 if line is None:
@@ -565,8 +580,16 @@ class Dispatcher:
             self._held.update(holds)
             for outbound in batch:
                 self._busy.discard(outbound.key)
-            self._in_flight -= 1
             self._cond.notify_all()
+
+    def _claim(self, batch: list[Outbound]) -> bool:
+        """Take the batch back from the in-flight set; False if abort() has it."""
+        with self._cond:
+            self._in_flight -= 1
+            for outbound in batch:
+                self._busy.discard(outbound.key)
+            self._cond.notify_all()
+            return self._sending.pop(id(batch), None) is not None
 
     def _pop_oldest(self) -> Outbound | None:
         for key, line in self._pending.items():

@@ -254,3 +254,24 @@ def test_lone_events_wait_at_most_the_window(tmp_path, one_key):
     dispatcher.submit(_outbounds([("u1", 1)]))
     assert wait_until(lambda: recorder.batches, 2)
     dispatcher.abort()
+
+
+def test_abort_settles_a_batch_whose_request_is_still_running(tmp_path):
+    release = threading.Event()
+    recorder = Recorder(lambda events: (release.wait(10), (200, {}))[1])
+    dispatcher = _dispatcher(tmp_path, recorder)
+    dispatcher.start()
+    dispatcher.submit(_outbounds([("u1", 1), ("u2", 2)]))
+    dispatcher.flush()
+    assert wait_until(lambda: recorder.batches, 5)
+
+    started = time.monotonic()
+    assert dispatcher.abort(join_seconds=0.2) == 2
+    assert time.monotonic() - started < 2
+    assert [x["reason"] for x in _letters(dispatcher)] == ["shutdown", "shutdown"]
+
+    # The answer arriving afterwards must not settle the batch a second time.
+    release.set()
+    assert wait_until(lambda: not any(t.is_alive() for t in dispatcher._threads), 5)
+    assert dispatcher.metrics.total("listener_events_delivered") == 0
+    assert sorted(dispatcher.acked) == [1, 2]
