@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from standins.agent_stream import AgentStreamStandIn, load_sample_frames
 from tests.harness import ROOT, SDK_KEY, DaemonProcess, assert_no_secrets, wait_until
 
@@ -19,12 +17,6 @@ def _events(lines: list[dict], destination: str) -> list[dict]:
         if line["destination"] == destination
         for event in line["body"]["events"]
     ]
-
-
-@pytest.fixture
-def agent():
-    with AgentStreamStandIn(sdk_key=SDK_KEY) as stand_in:
-        yield stand_in
 
 
 def test_every_sample_frame_becomes_the_expected_payloads(agent, tmp_path):

@@ -9,15 +9,7 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
-from standins.agent_stream import AgentStreamStandIn
-from standins.amplitude import AmplitudeStandIn
-from standins.ga4 import Ga4StandIn
 from tests.harness import (
-    AMPLITUDE_KEY,
-    GA_ID,
-    GA_SECRET,
     SDK_KEY,
     DaemonProcess,
     assert_no_secrets,
@@ -26,24 +18,6 @@ from tests.harness import (
     track_notification,
     wait_until,
 )
-
-
-@pytest.fixture
-def agent():
-    with AgentStreamStandIn(sdk_key=SDK_KEY) as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-def ga():
-    with Ga4StandIn(measurement_id=GA_ID, api_secret=GA_SECRET) as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-def amplitude():
-    with AmplitudeStandIn(api_key=AMPLITUDE_KEY) as stand_in:
-        yield stand_in
 
 
 def _env(agent, ga, amplitude, **extra: str) -> dict[str, str]:

@@ -19,15 +19,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from standins.agent_stream import AgentStreamStandIn
 from standins.amplitude import AmplitudeStandIn
-from standins.ga4 import Ga4StandIn
 from tests.harness import (
-    AMPLITUDE_KEY,
-    GA_ID,
-    GA_SECRET,
     SDK_KEY,
     DaemonProcess,
     assert_no_secrets,
@@ -48,24 +41,6 @@ GAP_LINE = re.compile(
 UNREACHABLE = "cannot reach the Agent"
 BUFFER_DROP_LINE = re.compile(r"buffer dropped (\d+) notifications \(overflow_drop")
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@pytest.fixture
-def agent():
-    with AgentStreamStandIn(sdk_key=SDK_KEY) as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-def ga():
-    with Ga4StandIn(measurement_id=GA_ID, api_secret=GA_SECRET) as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-def amplitude():
-    with AmplitudeStandIn(api_key=AMPLITUDE_KEY) as stand_in:
-        yield stand_in
 
 
 def _env(agent, ga, amplitude, **extra: str) -> dict[str, str]:

@@ -13,13 +13,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import requests
 
 from standins.agent_stream import AgentStreamStandIn
-from standins.amplitude import AmplitudeStandIn
 from tests.harness import (
-    AMPLITUDE_KEY,
     ROOT,
     SDK_KEY,
     DaemonProcess,
@@ -32,18 +29,6 @@ from tests.harness import (
 
 # Long enough for a loaded machine to start an interpreter and connect.
 START_SECONDS = 15.0
-
-
-@pytest.fixture
-def agent():
-    with AgentStreamStandIn(sdk_key=SDK_KEY) as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-def amplitude():
-    with AmplitudeStandIn(api_key=AMPLITUDE_KEY) as stand_in:
-        yield stand_in
 
 
 class Endpoint:

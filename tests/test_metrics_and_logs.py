@@ -12,18 +12,12 @@ import json
 import re
 from typing import Any
 
-import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from settings import VERSION
 from standins.agent_stream import AgentStreamStandIn
-from standins.amplitude import AmplitudeStandIn
-from standins.ga4 import Ga4StandIn
 from tests.harness import (
-    AMPLITUDE_KEY,
-    GA_ID,
-    GA_SECRET,
     SDK_KEY,
     SECRETS,
     DaemonProcess,
@@ -42,24 +36,6 @@ _SUMMARY = re.compile(
     r"summary: received \d+, delivered \d+, retried \d+, "
     r"dead-lettered \d+, buffer depth \d+"
 )
-
-
-@pytest.fixture
-def agent():
-    with AgentStreamStandIn(sdk_key=SDK_KEY) as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-def ga():
-    with Ga4StandIn(measurement_id=GA_ID, api_secret=GA_SECRET) as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-def amplitude():
-    with AmplitudeStandIn(api_key=AMPLITUDE_KEY) as stand_in:
-        yield stand_in
 
 
 def _env(agent_url: str, ga, amplitude, **extra: str) -> dict[str, str]:
