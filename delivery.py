@@ -225,27 +225,20 @@ class Dispatcher:
             thread.start()
 
     def submit(self, outbounds: list[Outbound]) -> None:
-        """Queue events; a full queue drops its oldest (or waits, with a spool)."""
+        """Queue events; a full queue drops its oldest (or waits, with a spool).
+
+        Events that arrive after `abort()` are settled as the shutdown says:
+        kept in the spool, or dead-lettered.
+        """
         overflow: list[Outbound] = []
+        late: list[Outbound] = []
         now = time.monotonic()
         with self._cond:
-            for outbound in outbounds:
-                kept = self._keep_on_shutdown and self._abort.is_set()
-                while self._count >= self._capacity and not kept:
-                    if self._block_when_full and not self._abort.is_set():
-                        # Only the senders make room, and they may be asleep
-                        # until told that this queue is no longer empty.
-                        self._cond.notify_all()
-                        self._cond.wait(1.0)
-                        kept = self._keep_on_shutdown and self._abort.is_set()
-                        continue
-                    dropped = self._pop_oldest()
-                    if dropped is None:
-                        break
-                    overflow.append(dropped)
-                if kept:
-                    # Shutdown came first and no sender is left: the rest stay
-                    # unacknowledged in the spool for the next start.
+            for index, outbound in enumerate(outbounds):
+                if self._abort.is_set() or (
+                    self._count >= self._capacity and not self._make_room(overflow)
+                ):
+                    late = outbounds[index:]
                     break
                 outbound.enqueued = now
                 line = self._pending.get(outbound.key)
@@ -257,6 +250,25 @@ class Dispatcher:
         if overflow:
             self._give_up(overflow, "queue_overflow", None)
             self._report_overflow(len(overflow))
+        if late:
+            self._abandon(late)
+
+    def _make_room(self, overflow: list[Outbound]) -> bool:
+        """With the lock held, free a place; False once shutdown has come."""
+        while self._count >= self._capacity:
+            if self._abort.is_set():
+                return False
+            if self._block_when_full:
+                # Only the senders make room, and they may be asleep until
+                # told that this queue is no longer empty.
+                self._cond.notify_all()
+                self._cond.wait(1.0)
+                continue
+            dropped = self._pop_oldest()
+            if dropped is None:
+                return True  # every key is in flight: exceed the bound briefly
+            overflow.append(dropped)
+        return True
 
     def depth(self) -> int:
         return self._count

@@ -275,3 +275,12 @@ def test_abort_settles_a_batch_whose_request_is_still_running(tmp_path):
     assert wait_until(lambda: not any(t.is_alive() for t in dispatcher._threads), 5)
     assert dispatcher.metrics.total("listener_events_delivered") == 0
     assert sorted(dispatcher.acked) == [1, 2]
+
+
+def test_events_submitted_after_abort_are_dead_lettered_not_lost(tmp_path):
+    dispatcher = _dispatcher(tmp_path, Recorder(lambda events: (200, {})))
+    dispatcher.start()
+    dispatcher.abort(join_seconds=1)
+    dispatcher.submit(_outbounds([("late", 1), ("later", 2)]))
+    assert [x["reason"] for x in _letters(dispatcher)] == ["shutdown", "shutdown"]
+    assert sorted(dispatcher.acked) == [1, 2]
