@@ -55,7 +55,7 @@ class NotificationProcessor:
     def process(self, envelope: Envelope) -> Notification | None:
         """The exposure or conversion in `envelope`, or None if there is none."""
         try:
-            document = json.loads(envelope.data)
+            document = json.loads(envelope.data.decode())
             if not isinstance(document, dict):
                 raise _Malformed("not_an_object")
             if "DecisionInfo" in document:
