@@ -257,9 +257,10 @@ class Daemon:
         )
         self.listener.stop(timeout_seconds=min(2.0, timeout_seconds))
         self.buffer.close()
-        self.workers.join(max(0.0, deadline - time.monotonic()))
+        # From now on every batch goes out at once, without batching windows.
         for dispatcher in self.dispatchers:
             dispatcher.flush()
+        self.workers.join(max(0.0, deadline - time.monotonic()))
         for dispatcher in self.dispatchers:
             dispatcher.wait_idle(max(0.0, deadline - time.monotonic()))
         for dispatcher in self.dispatchers:
