@@ -3,8 +3,9 @@
     python main.py                 run the daemon until SIGTERM or SIGINT
     python main.py replay FILE     send a dead-letter file's events again
 
-Exit status: 0 after a clean stop, 2 for a bad configuration, 1 when a
-replay left events undelivered or a second signal cut the drain short.
+Exit status: 0 after a clean stop, 2 for a bad configuration or usage, 1
+when the operator endpoint cannot listen, a replay left events undelivered
+or a second signal cut the drain short.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import sys
 import threading
 
+from daemon import Daemon, secrets_of
 from health import HealthServer
 from logger_config import configure_logging
 from replay import replay
@@ -30,19 +32,28 @@ def main(argv: list[str]) -> int:
         print(f"optimizely-agent-listener: {error}", file=sys.stderr)
         return 2
 
-    from daemon import Daemon, secrets_of
+    if argv and (argv[0] != "replay" or len(argv) != 2):
+        print("usage: python main.py [replay FILE]", file=sys.stderr)
+        return 2
 
     mask = configure_logging(
         settings.log_level, settings.log_format, secrets_of(settings)
     )
-    if argv[:1] == ["replay"]:
-        if len(argv) != 2:
-            print("usage: python main.py replay FILE", file=sys.stderr)
-            return 2
+    if argv:
         return replay(settings, argv[1], mask)
 
     daemon = Daemon(settings, mask)
-    health = HealthServer(daemon) if settings.health_port else None
+    try:
+        health = HealthServer(daemon) if settings.health_port else None
+    except OSError as error:
+        logger.error(
+            "cannot serve the operator endpoint on %s:%d: %s (set HEALTH_PORT, "
+            "or 0 to turn it off)",
+            settings.health_host,
+            settings.health_port,
+            error.strerror or error,
+        )
+        return 1
     stop = threading.Event()
     _handle_signals(stop)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -166,3 +167,39 @@ def test_refusals_are_explained_once_with_the_key_masked(tmp_path):
     assert refusals[0]["level"] == "ERROR"
     assert "check the key" in refusals[0]["message"]
     assert_no_secrets(daemon.stderr)
+
+
+def test_unknown_arguments_exit_2_with_the_usage(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "serve"],
+        cwd=tmp_path,
+        env={"PATH": "", "OPTIMIZELY_SDK_KEY": SDK_KEY, "DRY_RUN": "true"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "usage: python main.py [replay FILE]" in result.stderr
+
+
+def test_a_busy_health_port_is_a_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "main.py")],
+            cwd=tmp_path,
+            env={
+                "PATH": "",
+                "OPTIMIZELY_SDK_KEY": SDK_KEY,
+                "DRY_RUN": "true",
+                "HEALTH_PORT": str(port),
+            },
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert f"cannot serve the operator endpoint on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
