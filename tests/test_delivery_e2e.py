@@ -65,6 +65,10 @@ def test_every_event_arrives_once_in_order_per_user(agent, ga, amplitude, tmp_pa
 
     ga_events = ga.events()
     assert len(ga_events) == len(notes)
+    ga_purchases = [e.event for e in ga_events if e.event["name"] == "purchase"]
+    assert {(e["params"]["value"], e["params"]["currency"]) for e in ga_purchases} == {
+        (19.99, "USD")
+    }
     assert not ga.violations
     by_client: dict[str, list[str]] = {}
     for item in ga_events:
