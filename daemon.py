@@ -23,7 +23,7 @@ from delivery import Answer, CompletionTracker, Dispatcher, Poster, http_poster
 from destination import Destination
 from event_buffer import EventBuffer, MemoryBuffer
 from google_analytics import Ga4Destination
-from logger_config import MASK, SecretMasker
+from logger_config import SecretMasker
 from metrics import Metrics
 from notification_listener import NotificationListener, StreamState
 from notification_processor import NotificationProcessor
@@ -343,6 +343,3 @@ class _CountingAdjustments(dict):
         if increase > 0:
             self._metric.labels(self._destination, key).inc(increase)
         super().__setitem__(key, value)
-
-
-__all__ = ["MASK", "Daemon"]

@@ -186,7 +186,6 @@ class NotificationListener:
         session.mount("https://", _stream_adapter(self._remember_socket))
         try:
             response = self._open(session)
-            self._metrics.stream_connected.set(1)
             self._set_state(StreamState.STREAMING)
             self._last_failure = ""
             self._read(response)
@@ -200,7 +199,6 @@ class NotificationListener:
                     kind="unreachable",
                 ) from None
         finally:
-            self._metrics.stream_connected.set(0)
             self._flush()
             with self._socket_lock:
                 self._socket = None
